@@ -106,9 +106,7 @@ def _embed_main(args) -> int:
     pipeline = load_from_args(args, require_projection=False)
     image = pipeline.encode_image(args.image)
     tensors = {"queries": image.queries.float().contiguous()}
-    has_projection = bool(args.projection or args.weights or PRESETS[args.preset].projection or
-                          PRESETS[args.preset].random_weights)
-    if has_projection:
+    if pipeline.projection_source is not None:
         tensors["image_embeds"] = image.embeds.float().cpu().contiguous()
     save_file(tensors, args.out, metadata={"image": str(args.image), "model": pipeline.description})
     print(f"wrote {args.out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))

@@ -224,17 +224,17 @@ def projection_source(options: ModelOptions, preset: Preset, weights_dir: Path |
     return None
 
 
-def build_projection(source: Path | None, in_features: int, out_features: int, preset: Preset,
-                     require: bool) -> nn.Linear:
+def missing_projection_message(preset: Preset) -> str:
+    return (f"preset {preset.name} has no published projection (rinna released one only for "
+            f"bilingual-gpt-neox-4b). Train one with `python -m minigpt4_ja train --preset {preset.name} "
+            "--data ... --output-dir runs/x`, then pass --projection runs/x/projection.safetensors")
+
+
+def build_projection(source: Path | None, in_features: int, out_features: int) -> nn.Linear:
+    """The trained Linear from `source`, or a fresh one (zero bias) to be trained when there is none."""
     projection = nn.Linear(in_features, out_features)
     if source is None:
-        if require:
-            raise WeightsError(
-                f"preset {preset.name} has no published projection (rinna released one only for bilingual-gpt-neox-4b). "
-                f"Train one with `python -m minigpt4_ja train --preset {preset.name} --data ... --output-dir runs/x`, "
-                "then pass --projection runs/x/projection.safetensors"
-            )
-        nn.init.zeros_(projection.bias)  # a fresh projection, to be trained
+        nn.init.zeros_(projection.bias)
         return projection
     weights, _ = load_projection(source, in_features, out_features)
     projection.load_state_dict(weights)
@@ -258,14 +258,18 @@ def load_pipeline(options: ModelOptions, require_projection: bool = True) -> Pip
             llm_source = str(tiny / "llm")
     template = get_template(options.template or template_name)
 
+    # The projection is looked up first: a preset without one fails before gigabytes are downloaded.
+    source = projection_source(options, preset, weights_dir)
+    if source is None and require_projection:
+        raise WeightsError(missing_projection_message(preset))
     encoder = load_vision_encoder(options, preset, weights_dir)
     encoder.place(precision.device, precision.half_precision_vit)
     llm, tokenizer = load_llm(llm_source, precision)
-    projection = build_projection(projection_source(options, preset, weights_dir), encoder.output_size,
-                                  llm.config.hidden_size, preset, require_projection)
+    projection = build_projection(source, encoder.output_size, llm.config.hidden_size)
     projection = projection.to(precision.device).eval().requires_grad_(False)
     description = f"{preset.name}: LLM {llm_source}, {precision.label} on {precision.device}, template {template.name}"
-    return Pipeline(encoder, projection, llm, tokenizer, template, description=description)
+    return Pipeline(encoder, projection, llm, tokenizer, template, description=description,
+                    projection_source=str(source) if source else None)
 
 
 def convert(options: ModelOptions, out: str | Path) -> Path:

@@ -44,8 +44,10 @@ class Pipeline:
     """
 
     def __init__(self, encoder: VisionEncoder, projection: nn.Linear, llm, tokenizer: SentencePieceTokenizer,
-                 template: PromptTemplate, *, description: str = "", max_cached_sessions: int = 4):
+                 template: PromptTemplate, *, description: str = "", projection_source: str | None = None,
+                 max_cached_sessions: int = 4):
         self.encoder, self.projection, self.llm = encoder, projection, llm
+        self.projection_source = projection_source  # None: a fresh, untrained projection
         self.tokenizer, self.template, self.description = tokenizer, template, description
         self.lock = threading.RLock()  # one model, one accelerator: one forward pass at a time
         self.max_cached_sessions = max_cached_sessions

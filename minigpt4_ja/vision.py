@@ -199,20 +199,19 @@ def _torch_load(path: Path, what: str) -> dict:
         raise WeightsError(f"{what} file {path} cannot be read as a PyTorch checkpoint ({err})") from err
 
 
-def read_eva_vit_file(path: str | Path, num_layers: int) -> dict[str, torch.Tensor]:
+def read_eva_vit_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The raw (LAVIS-named) state dict of an `eva_vit_g.pth`-layout file."""
     path = Path(path)
     state_dict = _torch_load(path, "EVA ViT")
     if isinstance(state_dict, dict) and "model" in state_dict and "cls_token" not in state_dict:
         state_dict = state_dict["model"]
     if not isinstance(state_dict, dict) or "cls_token" not in state_dict:
         raise WeightsError(f"EVA ViT file {path} has no 'cls_token': it is not LAVIS's eva_vit_g.pth layout")
-    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if len(blocks) < num_layers:
-        raise WeightsError(f"EVA ViT file {path} has {len(blocks)} blocks; BLIP-2 needs at least {num_layers}")
-    return convert_eva_vit(state_dict, num_layers)
+    return state_dict
 
 
 def read_qformer_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The raw (LAVIS-named) `model` state dict of a `blip2_pretrained_flant5xxl.pth`-layout file."""
     path = Path(path)
     checkpoint = _torch_load(path, "Q-Former")
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
@@ -221,7 +220,46 @@ def read_qformer_file(path: str | Path) -> dict[str, torch.Tensor]:
             f"Q-Former file {path} has no 'query_tokens': expected LAVIS's blip2_pretrained_flant5xxl.pth "
             "({'model': {'query_tokens', 'ln_vision.*', 'Qformer.bert.*', ...}})"
         )
-    return convert_blip2_qformer(state_dict)
+    return state_dict
+
+
+def _shape(state_dict: dict, key: str, source: str) -> tuple[int, ...]:
+    if key not in state_dict:
+        raise WeightsError(f"{source} has no {key!r}")
+    return tuple(state_dict[key].shape)
+
+
+def infer_vision_config(eva: dict[str, torch.Tensor], source: str = "EVA ViT file") -> Blip2VisionConfig:
+    """The ViT config from the file's shapes. BLIP-2 drops the last block (39 of EVA-g's 40); head counts follow
+    EVA-g's 88-wide heads (1408 -> 16), or 8-wide heads for the small test models."""
+    width = _shape(eva, "cls_token", source)[-1]
+    patch = _shape(eva, "patch_embed.proj.weight", source)[-1]
+    grid = round((_shape(eva, "pos_embed", source)[1] - 1) ** 0.5)
+    blocks = {int(m.group(1)) for k in eva if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if len(blocks) < 2:
+        raise WeightsError(f"{source} has {len(blocks)} blocks; BLIP-2 uses all but the last, so it needs 2 or more")
+    return Blip2VisionConfig(
+        hidden_size=width, intermediate_size=_shape(eva, "blocks.0.mlp.fc1.weight", source)[0],
+        num_hidden_layers=len(blocks) - 1, num_attention_heads=width // 88 if width % 88 == 0 else width // 8,
+        image_size=grid * patch, patch_size=patch, layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu",
+    )
+
+
+def infer_qformer_config(qformer: dict[str, torch.Tensor], source: str = "Q-Former file") -> Blip2QFormerConfig:
+    """The Q-Former config from the file's shapes (BERT's 64-wide heads)."""
+    prefix = "Qformer.bert.encoder.layer"
+    layers = {int(m.group(1)) for k in qformer if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+    cross = sorted(i for i in layers if f"{prefix}.{i}.crossattention.self.key.weight" in qformer)
+    if not layers or not cross:
+        raise WeightsError(f"{source} has no Q-Former layers with cross-attention ({prefix}.N.crossattention.*)")
+    width = _shape(qformer, "query_tokens", source)[-1]
+    return Blip2QFormerConfig(
+        hidden_size=width, num_hidden_layers=len(layers), num_attention_heads=width // 64,
+        intermediate_size=_shape(qformer, f"{prefix}.0.intermediate_query.dense.weight", source)[0],
+        cross_attention_frequency=cross[1] - cross[0] if len(cross) > 1 else len(layers),
+        encoder_hidden_size=_shape(qformer, f"{prefix}.{cross[0]}.crossattention.self.key.weight", source)[1],
+        layer_norm_eps=1e-12,
+    )
 
 
 def load_state_dict_checked(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -249,9 +287,15 @@ def build_vision_encoder(config: dict | None = None) -> VisionEncoder:
 
 
 def load_lavis_encoder(eva_vit_path: str | Path, qformer_path: str | Path) -> VisionEncoder:
-    encoder = build_vision_encoder()
-    num_layers = encoder.vision_model.config.num_hidden_layers
-    state_dict = read_eva_vit_file(eva_vit_path, num_layers) | read_qformer_file(qformer_path)
+    """Build the encoder from LAVIS's two files; the architecture is read from their shapes (ViT-g for the real
+    files), on the meta device so no time goes into random initialisation."""
+    eva, qformer = read_eva_vit_file(eva_vit_path), read_qformer_file(qformer_path)
+    vision_config = infer_vision_config(eva, f"EVA ViT file {eva_vit_path}")
+    config = {"vision_config": vision_config.to_dict(),
+              "qformer_config": infer_qformer_config(qformer, f"Q-Former file {qformer_path}").to_dict(),
+              "num_query_tokens": qformer["query_tokens"].shape[1]}
+    encoder = build_vision_encoder(config)
+    state_dict = convert_eva_vit(eva, vision_config.num_hidden_layers) | convert_blip2_qformer(qformer)
     load_state_dict_checked(encoder, state_dict, f"LAVIS weights ({Path(eva_vit_path).name} + {Path(qformer_path).name})")
     return encoder
 
