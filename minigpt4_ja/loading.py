@@ -286,7 +286,7 @@ def convert(options: ModelOptions, out: str | Path) -> Path:
     save_encoder(encoder, out)
     source = projection_source(options, preset, weights_dir)
     if source is not None:
-        weights, _ = load_projection(source, encoder.output_size, _projection_out_features(source))
+        weights, _ = load_projection(source, encoder.output_size, None)
         save_projection(weights["weight"], weights["bias"], out / PROJECTION_FILE,
                         {"llm": llm_source, "template": options.template or preset.template})
     sources = {"eva_vit": options.eva_vit or (preset.eva_vit and preset.eva_vit.url),
@@ -296,17 +296,3 @@ def convert(options: ModelOptions, out: str | Path) -> Path:
                            template=options.template or preset.template, sources=sources)
     return out
 
-
-def _projection_out_features(source: Path) -> int:
-    """The LLM hidden size a projection file was trained for (read from its own shapes)."""
-    if source.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(source), "pt") as f:
-            key = "weight" if "weight" in f.keys() else "llama_proj.weight"
-            return f.get_slice(key).get_shape()[0]
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint)
-    if "llama_proj.weight" not in state:
-        raise WeightsError(f"projection file {source} has no 'llama_proj.weight'")
-    return state["llama_proj.weight"].shape[0]

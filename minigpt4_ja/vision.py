@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -194,9 +195,11 @@ def _torch_load(path: Path, what: str) -> dict:
     if not path.is_file():
         raise WeightsError(f"{what} file {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # Memory-map zip checkpoints (no copy of 2 GB in RAM); older non-zip ones load the plain way.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # pickle, zip and mmap errors all mean the same thing to a user
-        raise WeightsError(f"{what} file {path} cannot be read as a PyTorch checkpoint ({err})") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(f"{what} file {path} cannot be read as a PyTorch checkpoint ({reason})") from err
 
 
 def read_eva_vit_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -230,17 +233,18 @@ def _shape(state_dict: dict, key: str, source: str) -> tuple[int, ...]:
 
 
 def infer_vision_config(eva: dict[str, torch.Tensor], source: str = "EVA ViT file") -> Blip2VisionConfig:
-    """The ViT config from the file's shapes. BLIP-2 drops the last block (39 of EVA-g's 40); head counts follow
-    EVA-g's 88-wide heads (1408 -> 16), or 8-wide heads for the small test models."""
+    """The ViT config from the file's shapes. BLIP-2 uses 39 blocks of EVA-g (the file has 40; other widths, the
+    small test models, use all but the last); heads are EVA-g's 88 wide (1408 -> 16), or 8 wide for small models."""
     width = _shape(eva, "cls_token", source)[-1]
     patch = _shape(eva, "patch_embed.proj.weight", source)[-1]
     grid = round((_shape(eva, "pos_embed", source)[1] - 1) ** 0.5)
     blocks = {int(m.group(1)) for k in eva if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if len(blocks) < 2:
-        raise WeightsError(f"{source} has {len(blocks)} blocks; BLIP-2 uses all but the last, so it needs 2 or more")
+    depth = 39 if width == 1408 else len(blocks) - 1
+    if depth < 1 or len(blocks) < depth:
+        raise WeightsError(f"{source} has {len(blocks)} blocks; BLIP-2 needs {max(depth, 1)} (all but the last)")
     return Blip2VisionConfig(
         hidden_size=width, intermediate_size=_shape(eva, "blocks.0.mlp.fc1.weight", source)[0],
-        num_hidden_layers=len(blocks) - 1, num_attention_heads=width // 88 if width % 88 == 0 else width // 8,
+        num_hidden_layers=depth, num_attention_heads=width // 88 if width % 88 == 0 else width // 8,
         image_size=grid * patch, patch_size=patch, layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu",
     )
 
@@ -297,7 +301,7 @@ def load_lavis_encoder(eva_vit_path: str | Path, qformer_path: str | Path) -> Vi
     encoder = build_vision_encoder(config)
     state_dict = convert_eva_vit(eva, vision_config.num_hidden_layers) | convert_blip2_qformer(qformer)
     load_state_dict_checked(encoder, state_dict, f"LAVIS weights ({Path(eva_vit_path).name} + {Path(qformer_path).name})")
-    return encoder
+    return encoder.eval()
 
 
 ENCODER_WEIGHTS = "vision_encoder.safetensors"
@@ -329,4 +333,4 @@ def load_encoder(folder: str | Path) -> VisionEncoder:
     except Exception as err:
         raise WeightsError(f"converted encoder file {weights} cannot be read ({err})") from err
     load_state_dict_checked(encoder, state_dict, str(weights))
-    return encoder
+    return encoder.eval()

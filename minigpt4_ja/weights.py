@@ -81,9 +81,12 @@ def hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
         raise WeightsError(f"could not get {repo_id} from the Hub ({err})") from err
 
 
+CONVERSION_VERSION = 1  # bump when the converter's output changes, so old cached conversions are not reused
+
+
 def conversion_key(*paths: Path) -> str:
     """Identifies source files cheaply (path, size, mtime) so a conversion is redone only when they change."""
-    parts = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths]
+    parts = [f"v{CONVERSION_VERSION}"] + [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
@@ -92,10 +95,10 @@ def conversion_key(*paths: Path) -> str:
 PROJECTION_FILE = "projection.safetensors"
 
 
-def load_projection(path: str | Path, in_features: int, out_features: int) -> tuple[dict[str, torch.Tensor], dict]:
+def load_projection(path: str | Path, in_features: int, out_features: int | None) -> tuple[dict[str, torch.Tensor], dict]:
     """Read the projection weights from MiniGPT-4's `checkpoint.pth` or our `projection.safetensors`.
 
-    Returns ({"weight": [out, in], "bias": [out]}, metadata). Only `llama_proj.*` is read from a checkpoint: the rest of
+    Returns ({"weight": [out, in], "bias": [out]}, metadata). `out_features=None` accepts any LLM width. Only `llama_proj.*` is read from a checkpoint: the rest of
     rinna's file is optimizer state and frozen LLM buffers.
     """
     path = Path(path)
@@ -126,6 +129,7 @@ def load_projection(path: str | Path, in_features: int, out_features: int) -> tu
         else:
             found = ", ".join(list(tensors)[:5]) or "nothing"
             raise WeightsError(f"projection file {path} has no 'llama_proj.{name}' (found: {found})")
+    out_features = weights["weight"].shape[0] if out_features is None else out_features
     expected = {"weight": (out_features, in_features), "bias": (out_features,)}
     for name, shape in expected.items():
         if tuple(weights[name].shape) != shape:

@@ -74,3 +74,29 @@ def test_terminal_chat(example_image):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("システム> ") == 4
     assert "[undone]" in result.stdout and "[new conversation]" in result.stdout
+
+
+def test_ask_on_local_real_layout_files_downloads_nothing(tmp_path, example_image, monkeypatch, capsys):
+    """bilingual-4b with all four parts given as local files in LAVIS's and rinna's layouts: no network at all."""
+    import minigpt4_ja.loading as loading
+    from minigpt4_ja.loading import tiny_model_dir
+    from weight_fixtures import write_lavis_pair, write_rinna_checkpoint
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    for name in ("download_url", "hub_file"):
+        monkeypatch.setattr(loading, name, no_network)
+    eva, qformer = write_lavis_pair(tmp_path)
+    checkpoint = write_rinna_checkpoint(tmp_path / "checkpoint.pth", hidden=64)
+    monkeypatch.setenv("MINIGPT4_JA_CACHE", str(tmp_path / "cache"))  # the conversion cache too starts empty
+    llm = str(tiny_model_dir() / "llm")
+    args = ["ask", "--preset", "bilingual-4b", "--llm", llm, "--eva-vit", str(eva), "--qformer", str(qformer),
+            "--projection", str(checkpoint), "--image", str(example_image), "--temperature", "0",
+            "--max-new-tokens", "6", "--json", "猫は？"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert len(first["token_ids"]) > 0
+    assert list((tmp_path / "cache" / "converted").iterdir())  # LAVIS files converted once...
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == first["token_ids"]  # ...and the cache gives the same
