@@ -24,3 +24,35 @@ def tiny_pipeline():
 def example_image() -> Path:
     local = REPO / "examples" / "chelsea.png"
     return local if local.is_file() else SHARED_IMAGES / "chelsea.png"
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model's matrices are so small that extra threads only add overhead (a lot on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launched_app(pipeline):
+    """Serve app.py's demo for `pipeline` on a free loopback port; yields the URL, closes the server after."""
+    import app
+
+    demo = app.queue(app.build_demo(pipeline))
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                            quiet=True, **app.LAUNCH_OPTIONS)
+    try:
+        yield url
+    finally:
+        demo.close()

@@ -1,7 +1,6 @@
 """The Gradio app, driven through gradio_client against a live server on 127.0.0.1 (tiny preset, in-process)."""
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,27 +20,16 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 import app  # noqa: E402
+from conftest import launched_app  # noqa: E402
 from minigpt4_ja import GenerationSettings  # noqa: E402
 
 QUESTION = "これは何ですか？"
 GENERATION_THREAD = "minigpt4-generate"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_pipeline):
-    demo = app.queue(app.build_demo(tiny_pipeline))
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                            quiet=True, **app.LAUNCH_OPTIONS)
-    try:
-        yield url
-    finally:
-        demo.close()
+    yield from launched_app(tiny_pipeline)
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ Skipped when /usr/bin/chromium is missing, unless the CI environment variable is
 
 import math
 import os
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import launched_app
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -31,12 +31,6 @@ def _unavailable(reason: str):
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (required because CI is set)")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def generation_running() -> bool:
@@ -70,15 +64,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(browser, tiny_pipeline):
-    import app
-
-    demo = app.queue(app.build_demo(tiny_pipeline))
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                            quiet=True, **app.LAUNCH_OPTIONS)
-    try:
-        yield url
-    finally:
-        demo.close()
+    yield from launched_app(tiny_pipeline)
 
 
 @pytest.fixture(scope="module")

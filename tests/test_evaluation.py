@@ -18,11 +18,8 @@ EXAMPLES = REPO / "examples" if (REPO / "examples" / "chelsea.png").is_file() el
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- metrics

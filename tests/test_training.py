@@ -27,12 +27,8 @@ CAPTIONS = {
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matrices are so small that extra threads only add overhead (a lot on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
