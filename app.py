@@ -148,12 +148,10 @@ def escape(text: str) -> str:
     return html.escape(text or "", quote=False)
 
 
-def image_key(path: str) -> str:
+def image_key(image: Image.Image) -> str:
     """Identifies an image by its pixels, so the same picture is encoded only once per visitor."""
-    with Image.open(path) as image:
-        image.load()
-        digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
-        digest.update(image.tobytes())
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
     return digest.hexdigest()
 
 
@@ -240,10 +238,11 @@ def build_demo(pipeline) -> gr.Blocks:
 
     def encode(visitor: Visitor, path: str):
         """The ImageEmbedding for `path`, encoded at most once per visitor."""
-        key = image_key(path)
+        image = load_image(path)  # decoded once, through the library's checks (pixel limit, RGB, EXIF)
+        key = image_key(image)
         embedding = visitor.images.get(key)
         if embedding is None:
-            embedding = pipeline.encode_image(path)
+            embedding = pipeline.encode_image(image)
             visitor.images[key] = embedding
             while len(visitor.images) > ENCODED_IMAGES_KEPT:
                 visitor.images.popitem(last=False)

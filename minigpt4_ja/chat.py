@@ -45,9 +45,6 @@ class Reply:
     time_to_first_token_s: float | None = None
     total_s: float = 0.0
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 @dataclass
 class _Context:
@@ -76,10 +73,6 @@ class ChatSession:
         embedding = image if isinstance(image, ImageEmbedding) else self.pipeline.encode_image(image)
         self.pending_images.append(embedding)
         return embedding
-
-    @property
-    def has_image(self) -> bool:
-        return bool(self.pending_images) or any(t.images for t in self.turns)
 
     def undo(self) -> Turn | None:
         """Remove the last question and its answer (their images go with them)."""
@@ -276,7 +269,7 @@ class ReplyStream:
         text = clean_answer(tokenizer.decode(new_ids), template)
         if stopped and not _ended_by_eos(new_ids, tokenizer) and len(new_ids) < context.max_new_tokens:
             reason = "stopped"
-        elif new_ids and new_ids[-1] == tokenizer.eos_token_id:
+        elif _ended_by_eos(new_ids, tokenizer):
             reason = "eos"
         elif f"{template.separator}{template.user}:" in tokenizer.decode(new_ids):
             reason = "user_turn"

@@ -8,7 +8,6 @@ Encoding with SentencePiece directly gives the slow (legacy) T5Tokenizer's ids, 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -127,6 +126,3 @@ def train_tokenizer(folder: str | Path, corpus: list[str] = TINY_CORPUS, vocab_s
     (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     return folder
 
-
-def corpus_fingerprint(corpus: list[str], vocab_size: int) -> str:
-    return hashlib.sha256(json.dumps([corpus, vocab_size], ensure_ascii=False).encode()).hexdigest()[:16]

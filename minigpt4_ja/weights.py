@@ -21,14 +21,6 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def sha256_of(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download_url(remote: RemoteFile, folder: Path | None = None) -> Path:
     """Download `remote` once into the cache, with a progress bar, and verify its sha256 before keeping it."""
     import requests
